@@ -1,0 +1,161 @@
+"""The `novacache` command: the operator, one-shot reconciles, and the embedded testbed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .units import format_size, parse_size
+
+
+def _rate(text: str) -> int | None:
+    from .testbed.network import parse_rate
+    try:
+        return parse_rate(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=int, default=2, help="edge sites (default 2)")
+    parser.add_argument("--nodes", type=int, default=3, help="compute nodes per site (default 3)")
+    parser.add_argument("--wan-rate", type=_rate, default="80mbit",
+                        help="WAN link rate central<->site, e.g. 80mbit; 'none' for unshaped (default 80mbit)")
+    parser.add_argument("--lan-rate", type=_rate, default="800mbit",
+                        help="LAN link rate inside a site; 'none' for unshaped (default 800mbit)")
+    parser.add_argument("--image-size", type=_size, default="64MiB", help="sample image size (default 64MiB)")
+    parser.add_argument("--mode", choices=["auto", "netns", "loopback"], default="auto",
+                        help="netns: shaped multi-site network (root); loopback: sshd on 127.0.0.1 ports, "
+                             "unshaped (default: netns when possible)")
+    parser.add_argument("--rbd-site", action="append", default=[], metavar="SITE",
+                        help="make this site's nodes use [libvirt] images_type = rbd (repeatable)")
+
+
+def _options(args: argparse.Namespace):
+    from .testbed import Options
+    return Options(sites=args.sites, nodes=args.nodes, wan_rate=args.wan_rate, lan_rate=args.lan_rate,
+                   image_size=args.image_size, mode=args.mode, rbd_sites=args.rbd_site)
+
+
+def _testbed_up(args: argparse.Namespace) -> int:
+    from .testbed import Testbed
+    testbed = Testbed.up(Path(args.dir), _options(args))
+    print(describe(testbed))
+    print(f"\nState in {testbed.dir / 'testbed.json'}; secrets in {testbed.secrets_dir}; "
+          f"sample policy in {testbed.dir / 'policy.yaml'}.")
+    print(f"Run commands where the operator runs: novacache testbed exec --dir {testbed.dir} -- CMD")
+    return 0
+
+
+def _testbed_down(args: argparse.Namespace) -> int:
+    from .testbed import Testbed
+    Testbed.load(Path(args.dir)).down(keep_files=args.keep_files)
+    print(f"testbed in {args.dir} is down")
+    return 0
+
+
+def _testbed_show(args: argparse.Namespace) -> int:
+    from .testbed import Testbed
+    print(describe(Testbed.load(Path(args.dir))))
+    return 0
+
+
+def _testbed_exec(args: argparse.Namespace) -> int:
+    from .testbed import Testbed
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise SystemExit("novacache testbed exec: give a command after --")
+    argv = Testbed.load(Path(args.dir)).exec_argv(command)
+    os.execvp(argv[0], argv)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .testbed import Testbed
+    directory = Path(tempfile.mkdtemp(prefix="novacache-demo-"))
+    print(f"== Bringing up a testbed in {directory}")
+    testbed = Testbed.up(directory, _options(args))
+    try:
+        print(describe(testbed))
+    finally:
+        print("\n== Tearing the testbed down")
+        testbed.down()
+    print("done: nothing left behind")
+    return 0
+
+
+def describe(testbed) -> str:
+    """The testbed's topology and what its Glance holds right now, as a person wants to read it."""
+    from .testbed.images import list_images
+    state = testbed.state
+    options = state["options"]
+
+    def rate(bits: int | None) -> str:
+        return "unshaped" if bits is None or state["mode"] != "netns" else f"{bits / 1e6:g} Mbit/s"
+
+    lines = [f"Testbed ({state['mode']} mode{', isolated node filesystems' if state['isolated'] else ''})",
+             f"  central: {state['central']['namespace'] or 'root namespace'}  Glance {testbed.glance_endpoint}",
+             f"  WAN links {rate(options['wan_rate'])}, LAN links {rate(options['lan_rate'])}"]
+    for site in testbed.sites:
+        lines.append(f"  site {site['name']} (images_type {site['imagesType']})"
+                     + (f"  LAN {site['lanNetwork']}" if site["lanNetwork"] else ""))
+        for node in site["nodes"]:
+            lines.append(f"    {node['name']:<18} {node['address']}:{node['port']:<6} sshd pid {node['pid']}")
+    lines.append("  Glance images:")
+    for image in list_images(testbed.glance_endpoint):
+        lines.append(f"    {image['id']}  {image['name']:<14} {image['disk_format']:<6} "
+                     f"{format_size(image['size']):>10}  stores={image['stores']}  "
+                     f"sha512={image['sha512'][:16]}...")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="novacache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    testbed = commands.add_parser("testbed", help="a real multi-site test environment on this machine")
+    testbed_commands = testbed.add_subparsers(dest="testbed_command", required=True)
+    up = testbed_commands.add_parser("up", help="build a testbed and leave it running")
+    up.add_argument("--dir", required=True, help="directory for the testbed's state, secrets and policy")
+    _add_shape_arguments(up)
+    up.set_defaults(func=_testbed_up)
+    down = testbed_commands.add_parser("down", help="remove a testbed completely")
+    down.add_argument("--dir", required=True)
+    down.add_argument("--keep-files", action="store_true", help="keep DIR's files (logs) for a post-mortem")
+    down.set_defaults(func=_testbed_down)
+    show = testbed_commands.add_parser("show", help="print a testbed's topology and Glance images")
+    show.add_argument("--dir", required=True)
+    show.set_defaults(func=_testbed_show)
+    run = testbed_commands.add_parser("exec", help="run a command where the operator runs (central)")
+    run.add_argument("--dir", required=True)
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(func=_testbed_exec)
+
+    demo = commands.add_parser("demo", help="bring a testbed up, show it, tear it down")
+    _add_shape_arguments(demo)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .testbed import TestbedError
+    try:
+        return args.func(args)
+    except TestbedError as error:
+        print(f"novacache: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
