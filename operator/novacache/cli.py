@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -81,17 +82,49 @@ def _testbed_exec(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import subprocess
+
     from .testbed import Testbed
     directory = Path(tempfile.mkdtemp(prefix="novacache-demo-"))
-    print(f"== Bringing up a testbed in {directory}")
+    print(f"== Bringing up a testbed in {directory}", flush=True)
     testbed = Testbed.up(directory, _options(args))
+    novacache = str(Path(sys.argv[0]).resolve()) if Path(sys.argv[0]).name == "novacache" else "novacache"
+    reconcile = testbed.exec_argv([novacache, "reconcile", "-f", str(directory / "policy.yaml")])
+    failed = False
     try:
         print(describe(testbed))
+        for title in ("Cold caches: every node is filled from Glance",
+                      "Second pass: images are cached, only their ages are reset"):
+            print(f"\n== {title}\n$ {' '.join(reconcile)}", flush=True)
+            failed |= subprocess.run(reconcile).returncode != 0
     finally:
-        print("\n== Tearing the testbed down")
+        print("\n== Tearing the testbed down", flush=True)
         testbed.down()
-    print("done: nothing left behind")
-    return 0
+    print("done: nothing left behind" + ("; but a reconcile failed, see above" if failed else ""))
+    return 1 if failed else 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import json
+
+    from . import credentials
+    from .engine import reconcile
+    from .glance import GlanceImages
+    from .policy import load_policy_file
+
+    policy = load_policy_file(args.file)
+    if args.verify:
+        policy = dataclasses.replace(policy, verify=args.verify)
+    secrets_dir = Path(args.secrets_dir) if args.secrets_dir else Path(args.file).resolve().parent / "secrets"
+    creds = credentials.load(policy, credentials.directory_reader(secrets_dir))
+    source = GlanceImages.from_clouds_yaml(creds.clouds_yaml, policy.cloud.cloud_name)
+    report = asyncio.run(reconcile(policy, source, creds.ssh, dry_run=args.dry_run))
+    print(report.table())
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.ok else 1
 
 
 def describe(testbed) -> str:
@@ -141,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER)
     run.set_defaults(func=_testbed_exec)
 
+    reconcile = commands.add_parser(
+        "reconcile", help="one full reconcile of a policy file, without Kubernetes; exit 0 when every "
+                          "target node holds every image, verified and fresh")
+    reconcile.add_argument("-f", "--file", required=True, help="ImageCachePolicy YAML file")
+    reconcile.add_argument("--secrets-dir", help="where secretRefs resolve, as DIR/<name>/<key> "
+                                                 "(default: 'secrets' beside the policy file)")
+    reconcile.add_argument("--report-json", metavar="FILE", help="write the full report as JSON")
+    reconcile.add_argument("--dry-run", action="store_true", help="observe and plan only; change nothing")
+    reconcile.add_argument("--verify", choices=["size", "checksum"], help="override spec.verify")
+    reconcile.set_defaults(func=_reconcile)
+
     demo = commands.add_parser("demo", help="bring a testbed up, show it, tear it down")
     _add_shape_arguments(demo)
     demo.set_defaults(func=_demo)
@@ -149,10 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    from .credentials import SecretError
+    from .glance import ImageError
+    from .policy import PolicyError
     from .testbed import TestbedError
     try:
         return args.func(args)
-    except TestbedError as error:
+    except (PolicyError, SecretError, ImageError, TestbedError) as error:
         print(f"novacache: {error}", file=sys.stderr)
         return 2
 
