@@ -292,7 +292,7 @@ def test_the_unknown_field_message_lists_the_known_fields() -> None:
     ("spec.ssh.port", "22", "expected a port number like 22, got a string"),
     ("spec.ssh.trustOnFirstUse", "yes", "expected true or false, got a string"),
     ("spec.cloud.cloudName", 2024, "expected a cloud name, got a number; put it in quotes"),
-    ("spec.limits", [], "expected a mapping with glanceStreams, diskReserve, staleTempAge, got a list"),
+    ("spec.limits", [], "expected a mapping with glanceStreams, diskReserve, staleTempAge, chainsPerSite, got a list"),
 ])
 def test_a_wrong_type_says_what_was_expected(path: str, value: Any, expected: str) -> None:
     assert problem(path, value).startswith(expected)
@@ -589,3 +589,34 @@ def test_disk_reserve_takes_sizes(reserve: str | int, size: int) -> None:
 def test_verify_is_size_or_checksum() -> None:
     assert load_policy(edited("spec.verify", "checksum")).verify == "checksum"
     assert "is not a verify mode; use size" in problem("spec.verify", "sha256")
+
+
+def test_distribution_settings_default_and_inherit() -> None:
+    doc = yaml.safe_load(FULL)
+    doc["spec"]["strategy"] = "proxy"
+    doc["spec"]["sites"][0]["strategy"] = "direct"
+    doc["spec"]["sites"][0]["seedNode"] = doc["spec"]["sites"][0]["nodes"][0]["name"]
+    doc["spec"]["nodeSsh"] = {"user": "nova_migration", "port": 2022, "strictHostKeyChecking": False}
+    doc["spec"]["limits"] = {"chainsPerSite": 2}
+    policy = load_policy(doc)
+    assert policy.sites[0].strategy == "direct"
+    assert policy.sites[0].seed_node == doc["spec"]["sites"][0]["nodes"][0]["name"]
+    assert all(site.strategy == "proxy" for site in policy.sites[1:])
+    assert policy.node_ssh.user == "nova_migration" and policy.node_ssh.port == 2022
+    assert policy.node_ssh.identity_file == "/etc/nova/migration/identity"
+    assert policy.node_ssh.strict_host_key_checking is False
+    assert policy.limits.chains_per_site == 2
+    default = load_policy(minimal())
+    assert default.sites[0].strategy == "pipeline" and default.sites[0].seed_node is None
+    assert default.limits.chains_per_site == 1 and default.node_ssh.strict_host_key_checking is True
+
+
+def test_a_seed_node_must_belong_to_its_site_and_strategies_are_known() -> None:
+    doc = minimal()
+    doc["spec"]["sites"][0]["seedNode"] = "elsewhere-compute-9"
+    doc["spec"]["strategy"] = "torrent"
+    with pytest.raises(PolicyError) as error:
+        load_policy(doc)
+    paths = [path for path, _ in error.value.problems]
+    assert "spec.sites[0].seedNode" in paths and "spec.strategy" in paths
+    assert "is not a node of this site" in str(error.value)

@@ -38,6 +38,10 @@ DEFAULT_NOVA_CONF_PATHS: tuple[str, ...] = (
 DEFAULT_TTL = 24 * 3600  # Nova's remove_unused_original_minimum_age_seconds default
 MIN_TTL = 60
 VERIFY_MODES = ("size", "checksum")
+STRATEGIES = ("direct", "proxy", "pipeline")
+# Where Nova's migration SSH keeps its key and known hosts (TripleO's nova_migration_target layout).
+MIGRATION_IDENTITY = "/etc/nova/migration/identity"
+MIGRATION_KNOWN_HOSTS = "/etc/nova/migration/known_hosts"
 
 _LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 _DNS_LABEL = re.compile(rf"\A{_LABEL}\Z")
@@ -56,7 +60,8 @@ _TOP_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 _METADATA_FIELDS = ("name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
                     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "finalizers",
                     "ownerReferences", "managedFields", "generateName", "selfLink")
-_SPEC_FIELDS = ("cloud", "ssh", "images", "ttl", "refreshInterval", "verify", "novaConf", "limits", "sites")
+_SPEC_FIELDS = ("cloud", "ssh", "nodeSsh", "images", "ttl", "refreshInterval", "verify", "novaConf", "strategy",
+                "limits", "sites")
 
 _T = TypeVar("_T")
 
@@ -89,6 +94,19 @@ class SshSpec:
 
 
 @dataclass(frozen=True)
+class NodeSshSpec:
+    """How nodes of a site reach each other to relay images: the SSH trust Nova's migrations use.
+
+    Paths are on the nodes; the private key never leaves them.
+    """
+    user: str
+    port: int
+    identity_file: str
+    known_hosts_file: str
+    strict_host_key_checking: bool
+
+
+@dataclass(frozen=True)
 class ImageRef:
     """One wanted image, by id or by name (exactly one is set); path says where the policy lists it."""
     path: str
@@ -108,9 +126,16 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """An edge site: the nodes that share one WAN link to Glance."""
+    """An edge site: the nodes that share one WAN link to Glance, and how an image spreads among them.
+
+    strategy: direct (every node from Glance), proxy (one seed from Glance, the others copy from it),
+    pipeline (the seed from Glance, each node writing its copy while relaying to the next).
+    seed_node: the node that receives from Glance (else the first healthy one).
+    """
     name: str
     nodes: tuple[NodeSpec, ...]
+    strategy: str = "pipeline"
+    seed_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,7 @@ class Limits:
     glance_streams: int
     disk_reserve: int
     stale_temp_age: int
+    chains_per_site: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,7 @@ class Policy:
     verify: str
     sites: tuple[SiteSpec, ...]
     limits: Limits
+    node_ssh: NodeSshSpec = NodeSshSpec("root", 22, MIGRATION_IDENTITY, MIGRATION_KNOWN_HOSTS, True)
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
@@ -222,16 +249,19 @@ def _policy(spec: _Fields, name: str | None, namespace: str | None) -> Policy:
     """Builds the Policy, or raises PolicyError if anything (here or in metadata) was wrong."""
     cloud = _cloud(spec.section("cloud", ("secretRef", "cloudName")))
     ssh = _ssh(spec.section("ssh", ("secretRef", "user", "port", "trustOnFirstUse")))
+    node_ssh = _node_ssh(spec.section("nodeSsh", ("user", "port", "identityFile", "knownHostsFile",
+                                                   "strictHostKeyChecking")))
+    strategy = spec.get("strategy", _strategy, "pipeline")
     images = _images(spec)
     ttl, refresh_interval = _timing(spec)
     verify = spec.get("verify", _verify, "size")
     nova_conf = _nova_conf(spec, DEFAULT_NOVA_CONF_PATHS)
-    limits = _limits(spec.section("limits", ("glanceStreams", "diskReserve", "staleTempAge")))
-    sites = _sites(spec, ssh.port, nova_conf)
+    limits = _limits(spec.section("limits", ("glanceStreams", "diskReserve", "staleTempAge", "chainsPerSite")))
+    sites = _sites(spec, ssh.port, nova_conf, strategy)
     if spec.at.problems:
         raise PolicyError(spec.at.problems)
     return Policy(name=name, namespace=namespace, cloud=cloud, ssh=ssh, images=images, ttl=ttl,
-                  refresh_interval=refresh_interval, verify=verify, sites=sites, limits=limits)
+                  refresh_interval=refresh_interval, verify=verify, sites=sites, limits=limits, node_ssh=node_ssh)
 
 
 def _cloud(cloud: _Fields) -> CloudSpec:
@@ -252,6 +282,15 @@ def _ssh(ssh: _Fields) -> SshSpec:
         user=ssh.get("user", _ssh_user, "root"),
         port=ssh.get("port", _port, 22),
         trust_on_first_use=ssh.get("trustOnFirstUse", _flag, False))
+
+
+def _node_ssh(node_ssh: _Fields) -> NodeSshSpec:
+    return NodeSshSpec(
+        user=node_ssh.get("user", _ssh_user, "root"),
+        port=node_ssh.get("port", _port, 22),
+        identity_file=node_ssh.get("identityFile", _conf_path, MIGRATION_IDENTITY),
+        known_hosts_file=node_ssh.get("knownHostsFile", _conf_path, MIGRATION_KNOWN_HOSTS),
+        strict_host_key_checking=node_ssh.get("strictHostKeyChecking", _flag, True))
 
 
 def _images(spec: _Fields) -> tuple[ImageRef, ...]:
@@ -287,18 +326,26 @@ def _timing(spec: _Fields) -> tuple[int, int]:
     return ttl, refresh
 
 
-def _sites(spec: _Fields, ssh_port: int | None, nova_conf: tuple[str, ...]) -> tuple[SiteSpec, ...]:
+def _sites(spec: _Fields, ssh_port: int | None, nova_conf: tuple[str, ...],
+           strategy: str | None) -> tuple[SiteSpec, ...]:
     sites, site_names, node_names = [], {}, {}
     example = "[{name: dcn0, nodes: [{name: dcn0-compute-0, address: 192.0.2.10}]}]"
     for at, value in spec.entries("sites", "the edge sites", example):
-        site = at.fields(value, ("name", "novaConf", "nodes"))
+        site = at.fields(value, ("name", "novaConf", "strategy", "seedNode", "nodes"))
         name = site.require("name", _site_name, "name the site, like name: dcn0")
         _claim(site_names, name, site.at.key("name"), "give each site its own name")
         site_conf = _nova_conf(site, nova_conf)
-        nodes = site.entries("nodes", "the site's compute nodes", "[{name: dcn0-compute-0, address: 192.0.2.10}]")
-        sites.append(SiteSpec(name=name, nodes=tuple(
+        nodes = tuple(
             _node(node_at.fields(node, ("name", "address", "port", "novaConf")), name, ssh_port, site_conf, node_names)
-            for node_at, node in nodes)))
+            for node_at, node in site.entries("nodes", "the site's compute nodes",
+                                              "[{name: dcn0-compute-0, address: 192.0.2.10}]"))
+        seed = site.get("seedNode", _node_name, None)
+        if seed is not None and nodes and seed not in {node.name for node in nodes}:
+            site.at.key("seedNode").problem(
+                f"{_show(seed)} is not a node of this site; name one of {', '.join(n.name for n in nodes)}, "
+                f"or leave seedNode out to use the first healthy node")
+        sites.append(SiteSpec(name=name, nodes=nodes, strategy=site.get("strategy", _strategy, strategy),
+                              seed_node=seed))
     return tuple(sites)
 
 
@@ -330,7 +377,8 @@ def _nova_conf(fields: _Fields, inherited: tuple[str, ...]) -> tuple[str, ...]:
 def _limits(limits: _Fields) -> Limits:
     return Limits(glance_streams=limits.get("glanceStreams", _count, 5),
                   disk_reserve=limits.get("diskReserve", _size, parse_size("1GiB")),
-                  stale_temp_age=limits.get("staleTempAge", parse_duration, 3600))
+                  stale_temp_age=limits.get("staleTempAge", parse_duration, 3600),
+                  chains_per_site=limits.get("chainsPerSite", _count, 1))
 
 
 def _claim(seen: dict[str, str], value: str | None, at: _At, fix: str) -> None:
@@ -602,6 +650,15 @@ def _ttl(value: Any) -> int:
         raise ValueError(f"{format_duration(seconds)} is shorter than a minute; set ttl to the nodes' "
                          "remove_unused_original_minimum_age_seconds, like 24h (Nova's default)")
     return seconds
+
+
+def _strategy(value: Any) -> str:
+    text = _text(value, "direct, proxy or pipeline")
+    if text not in STRATEGIES:
+        raise ValueError(f"{_show(text)} is not a strategy; use pipeline (each image crosses the WAN once and "
+                         "is relayed node to node), proxy (one node fetches, the others copy from it) or direct "
+                         "(every node fetches from Glance)")
+    return text
 
 
 def _verify(value: Any) -> str:
