@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from . import cacherules
+from .distribute import Resources, Target, fill_site
 from .glance import ImageError, ImageInfo
 from .node import Node, NodeError, NodeFacts, SshCredentials
 from .policy import ImageRef, NodeSpec, Policy
@@ -43,18 +44,14 @@ def default_node_factory(spec: NodeSpec, credentials: SshCredentials) -> Node:
     return Node(spec.name, spec.address, spec.port, credentials)
 
 
-@dataclass
-class _Work:
-    """One node's plan: what to refresh and what to fill, with the reason for each fill."""
-
-    refresh: list[ImageInfo]
-    fill: list[tuple[ImageInfo, str]]
-
-
 async def reconcile(policy: Policy, source: ImageSource, credentials: SshCredentials, *,
                     dry_run: bool = False, node_factory: NodeFactory = default_node_factory,
                     clock: Callable[[], float] = time.time) -> Report:
-    """Bring every node of the policy to holding every image, verified and fresh; report what happened."""
+    """Bring every node of the policy to holding every image, verified and fresh; report what happened.
+
+    First every node is observed and refreshed (one SSH session each, many at once); then each site
+    fills what its nodes lack, by its distribution strategy, all sites at once.
+    """
     report = Report(policy=policy.name, started_at=clock())
     try:
         images = await asyncio.to_thread(source.resolve, policy.images)
@@ -63,52 +60,53 @@ async def reconcile(policy: Policy, source: ImageSource, credentials: SshCredent
         report.finished_at = clock()
         return report
     report.images = [{"id": i.id, "name": i.name, "diskFormat": i.disk_format, "size": i.size} for i in images]
-    streams = asyncio.Semaphore(policy.limits.glance_streams)
     sessions = asyncio.Semaphore(NODE_CONCURRENCY)
+
+    @contextlib.asynccontextmanager
+    async def connect(spec: NodeSpec) -> AsyncIterator[Node]:
+        async with sessions, node_factory(spec, credentials) as node:
+            yield node
+
     with concurrent.futures.ThreadPoolExecutor(policy.limits.glance_streams,
                                                thread_name_prefix="glance-stream") as pumps:
-        run = _Run(policy, source, credentials, images, streams, pumps, dry_run, node_factory, clock)
-
-        async def one(spec: NodeSpec) -> NodeResult:
-            async with sessions:
-                return await run.node(spec)
-
-        report.nodes = list(await asyncio.gather(*(one(spec) for spec in policy.nodes)))
+        res = Resources(policy=policy, streams=asyncio.Semaphore(policy.limits.glance_streams), connect=connect,
+                        glance=lambda image_id: _pump(lambda: source.stream(image_id), pumps), clock=clock)
+        observer = _Observer(res, images, dry_run)
+        observed = await asyncio.gather(*(observer.observe(spec) for spec in policy.nodes))
+        report.nodes = [result for result, _ in observed]
+        if not dry_run:
+            targets = {target.name: target for _, target in observed if target is not None}
+            await asyncio.gather(*(
+                fill_site(res, site, [targets[n.name] for n in site.nodes if n.name in targets], images)
+                for site in policy.sites))
     report.finished_at = clock()
     return report
 
 
-class _Run:
-    """The state shared by the nodes of one reconcile."""
+class _Observer:
+    """Observes one node: what it caches and what it lacks; refreshes what it holds."""
 
-    def __init__(self, policy: Policy, source: ImageSource, credentials: SshCredentials,
-                 images: list[ImageInfo], streams: asyncio.Semaphore,
-                 pumps: concurrent.futures.Executor, dry_run: bool, node_factory: NodeFactory,
-                 clock: Callable[[], float]):
-        self.policy = policy
-        self.source = source
-        self.credentials = credentials
+    def __init__(self, res: Resources, images: list[ImageInfo], dry_run: bool):
+        self.res = res
+        self.policy = res.policy
         self.images = images
-        self.streams = streams
-        self.pumps = pumps
         self.dry_run = dry_run
-        self.node_factory = node_factory
-        self.clock = clock
 
-    async def node(self, spec: NodeSpec) -> NodeResult:
+    async def observe(self, spec: NodeSpec) -> tuple[NodeResult, Target | None]:
+        """The node's result so far, and the node as a fill target (None when it is not one)."""
         result = NodeResult(site=spec.site, node=spec.name, address=spec.address)
         try:
-            async with self.node_factory(spec, self.credentials) as node:
-                await self._node(node, spec, result)
+            async with self.res.connect(spec) as node:
+                return result, await self._observe(node, spec, result)
         except NodeError as error:
             log.warning("%s", error)
             result.error = str(error)
             done = {r.image_id for r in result.images}
             result.images += [ImageResult(i.id, i.name, State.FAILED, reason=str(error))
                               for i in self.images if i.id not in done]
-        return result
+            return result, None
 
-    async def _node(self, node: Node, spec: NodeSpec, result: NodeResult) -> None:
+    async def _observe(self, node: Node, spec: NodeSpec, result: NodeResult) -> Target | None:
         facts = await node.inspect(spec.nova_conf)
         config = facts.config
         result.cache_dir, result.nova_conf, result.free_bytes = config.cache_dir, config.source, facts.free_bytes
@@ -121,109 +119,77 @@ class _Run:
                                          reason="[libvirt] images_type = rbd: Nova clones from Ceph and does "
                                                 "not use the image cache; the image must be in the site's "
                                                 "Glance store") for i in self.images]
-            return
+            return None
         if config.remove_unused_original_minimum_age_seconds <= self.policy.refresh_interval:
             result.warnings.append(
                 f"nova.conf removes unused images after {config.remove_unused_original_minimum_age_seconds}s, "
                 f"not longer than refreshInterval ({self.policy.refresh_interval}s): images may be removed "
                 f"between refreshes; shorten refreshInterval")
         await self._remove_stale_temps(node, facts)
-        work = await self._plan(node, facts)
+        present, needs = await self._plan(node, facts)
         if self.dry_run:
-            now = self.clock()
-            ttl = min(self.policy.ttl, config.remove_unused_original_minimum_age_seconds)
-            for image in work.refresh:
-                age = now - facts.files[cacherules.cache_name(image.id)].mtime
-                state = State.CACHED if age < ttl else State.FAILED
-                result.images.append(ImageResult(image.id, image.name, state,
-                                                 reason="" if age < ttl else f"stale: {age:.0f}s old"))
-            result.images += [ImageResult(i.id, i.name, State.MISSING, reason=why) for i, why in work.fill]
-            return
-        if work.refresh:
-            started = self.clock()
-            await node.touch(config.cache_dir, [cacherules.cache_name(i.id) for i in work.refresh])
-            result.images += [ImageResult(i.id, i.name, State.REFRESHED, seconds=self.clock() - started)
-                              for i in work.refresh]
-        free = facts.free_bytes
-        for image, why in work.fill:
-            outcome = await self._fill(node, facts, image, why, free)
-            if outcome.state is State.FILLED:
-                free -= self._expected_size(image, facts) or outcome.bytes_moved
-            result.images.append(outcome)
+            self._judge(facts, present, needs, result)
+            return None
+        if present:
+            started = self.res.clock()
+            await node.touch(config.cache_dir, [cacherules.cache_name(i.id) for i in present])
+            result.images += [ImageResult(i.id, i.name, State.REFRESHED, seconds=self.res.clock() - started)
+                              for i in present]
+        holds = {i.id: facts.files[cacherules.cache_name(i.id)].size for i in present}
+        return Target(spec=spec, facts=facts, result=result, needs=needs, holds=holds, free=facts.free_bytes)
+
+    def _judge(self, facts: NodeFacts, present: list[ImageInfo], needs: dict[str, str],
+               result: NodeResult) -> None:
+        """A dry run's verdict: cached when young enough to outlive Nova's age limit, else missing."""
+        now = self.res.clock()
+        ttl = min(self.policy.ttl, facts.config.remove_unused_original_minimum_age_seconds)
+        for image in present:
+            age = now - facts.files[cacherules.cache_name(image.id)].mtime
+            fresh = age < ttl
+            result.images.append(ImageResult(image.id, image.name, State.CACHED if fresh else State.MISSING,
+                                             reason="" if fresh else f"stale: {age:.0f}s old"))
+        result.images += [ImageResult(i.id, i.name, State.MISSING, reason=needs[i.id])
+                          for i in self.images if i.id in needs]
 
     async def _remove_stale_temps(self, node: Node, facts: NodeFacts) -> None:
         """Temp files whose writer is gone (a cut transfer, a killed operator) are ours to remove."""
-        now = self.clock()
+        now = self.res.clock()
         stale = [t.name for t in facts.temps if now - t.mtime > self.policy.limits.stale_temp_age]
         await node.remove(facts.config.cache_dir, stale)
 
-    async def _plan(self, node: Node, facts: NodeFacts) -> _Work:
-        """Which images only need their age reset, which must be (re)filled, and why."""
-        suspect: list[ImageInfo] = []
-        fill: list[tuple[ImageInfo, str]] = []
+    async def _plan(self, node: Node, facts: NodeFacts) -> tuple[list[ImageInfo], dict[str, str]]:
+        """Which images are present and verified (to refresh), which must be (re)filled and why."""
+        present: list[ImageInfo] = []
+        needs: dict[str, str] = {}
         for image in self.images:
-            present = facts.files.get(cacherules.cache_name(image.id))
-            expected = self._expected_size(image, facts)
-            if present is None:
-                fill.append((image, "not cached"))
-            elif expected is not None and present.size != expected:
-                fill.append((image, f"cached file has {present.size} bytes, expected {expected}: replaced"))
+            cached = facts.files.get(cacherules.cache_name(image.id))
+            expected = _expected_size(image, facts)
+            if cached is None:
+                needs[image.id] = "not cached"
+            elif expected is not None and cached.size != expected:
+                needs[image.id] = f"cached file has {cached.size} bytes, expected {expected}: replaced"
             else:
-                suspect.append(image)
+                present.append(image)
         if self.policy.verify == "checksum":
             by_algo: dict[str, list[ImageInfo]] = {}
-            for image in suspect:
+            for image in present:
                 if not cacherules.converts(image.disk_format, facts.config):
                     by_algo.setdefault(image.digest()[0], []).append(image)
             for algo, group in by_algo.items():
-                sums = await node.checksums(facts.config.cache_dir, [cacherules.cache_name(i.id) for i in group], algo)
+                names = [cacherules.cache_name(i.id) for i in group]
+                sums = await node.checksums(facts.config.cache_dir, names, algo)
                 for image in group:
                     if sums.get(cacherules.cache_name(image.id)) != image.digest()[1]:
-                        suspect.remove(image)
-                        fill.append((image, f"cached file's {algo} differs from Glance's: replaced"))
-        return _Work(refresh=suspect, fill=fill)
+                        present.remove(image)
+                        needs[image.id] = f"cached file's {algo} differs from Glance's: replaced"
+        return present, needs
 
-    @staticmethod
-    def _expected_size(image: ImageInfo, facts: NodeFacts) -> int | None:
-        try:
-            return cacherules.cached_size(image.size, image.virtual_size, image.disk_format, facts.config)
-        except ValueError:
-            return None
 
-    async def _fill(self, node: Node, facts: NodeFacts, image: ImageInfo, why: str, free: int) -> ImageResult:
-        """Stream one image from Glance into the node, within the disk reserve and the stream limit."""
-        config, reserve = facts.config, self.policy.limits.disk_reserve
-        try:
-            disk_format = cacherules.qemu_format(image.disk_format)
-            convert = cacherules.converts(image.disk_format, config)
-            digest = image.digest()
-        except (ValueError, ImageError) as error:
-            return ImageResult(image.id, image.name, State.FAILED, reason=str(error))
-        needed = image.size + ((image.virtual_size or 0) if convert else 0)
-        if free - needed < reserve:
-            return ImageResult(image.id, image.name, State.FAILED,
-                               reason=f"needs {needed} bytes but only {free} are free and {reserve} must stay "
-                                      f"free (spec.limits.diskReserve)")
-        async with self.streams:
-            started = self.clock()
-            moved = 0
-
-            async def counted() -> AsyncIterator[bytes]:
-                nonlocal moved
-                async for chunk in _pump(lambda: self.source.stream(image.id), self.pumps):
-                    moved += len(chunk)
-                    yield chunk
-
-            try:
-                await node.receive(config.cache_dir, image.id, counted(), size=image.size, digest=digest,
-                                   disk_format=disk_format, convert=convert, reserve=reserve)
-            except (NodeError, ImageError) as error:
-                log.warning("%s: %s (%s) not cached: %s", node.name, image.name, image.id, error)
-                return ImageResult(image.id, image.name, State.FAILED, bytes_moved=moved,
-                                   seconds=self.clock() - started, reason=f"{why}; fill failed: {error}")
-        seconds = self.clock() - started
-        log.info("%s: cached %s (%s), %d bytes in %.1fs", node.name, image.name, image.id, moved, seconds)
-        return ImageResult(image.id, image.name, State.FILLED, bytes_moved=moved, seconds=seconds, reason=why)
+def _expected_size(image: ImageInfo, facts: NodeFacts) -> int | None:
+    try:
+        return cacherules.cached_size(image.size, image.virtual_size, image.disk_format, facts.config)
+    except ValueError:
+        return None
 
 
 async def _pump(make: Callable[[], Iterator[bytes]], executor: concurrent.futures.Executor,

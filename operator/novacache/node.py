@@ -47,49 +47,88 @@ for tool in qemu-img sha512sum; do
 done
 """
 
-RECEIVE = r"""
+# One hop of a chain. The operator streams into the first hop, or has a node that holds a verified
+# copy send it ("send" mode); each "recv" hop writes its own copy while relaying the stream to the
+# next hop over the nodes' own SSH trust, then verifies, checks, converts and renames its copy.
+# The script travels with the stream: each hop re-quotes its own text and the remaining hops for the
+# next one, so a command line stays the same size however long the chain.
+# Positional parameters: script nuser nkey nknown nstrict size algo digest format reserve, then
+# 8 per hop: mode name address port dir tmp final convert.
+# Each recv hop prints "novacache-result NAME STATUS SIZE MTIME"; a hop whose relay to the next
+# failed prints "novacache-link NAME STATUS MESSAGE"; messages go to stderr as "NAME: message".
+RELAY = r"""
 set -eu
-dir=$1 tmp=$2 final=$3 size=$4 algo=$5 digest=$6 format=$7 convert=$8 reserve=$9
-cleanup() { rm -f -- "$tmp" "$tmp.raw"; }
-trap cleanup EXIT
-trap 'exit 129' HUP INT TERM PIPE
-cd -- "$dir"
+script=$1 nuser=$2 nkey=$3 nknown=$4 nstrict=$5 size=$6 algo=$7 digest=$8 format=$9 reserve=${10}
+shift 10
+mode=$1 self=$2 dir=$5 tmp=$6 final=$7 convert=$8
+shift 8
+fwdpid= result= link=
+q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+finish() {
+  rc=$?
+  if [ -n "$fwdpid" ]; then
+    if wait "$fwdpid"; then :; else link=$?; fi
+  fi
+  if [ "$mode" = recv ]; then printf 'novacache-result %s %s\n' "$self" "${result:-$rc - -}"; fi
+  if [ -n "$link" ]; then
+    printf 'novacache-link %s %s %s\n' "$self" "$link" "$(head -c 300 -- "$tmp.err" 2>/dev/null | tr '\n' ' ')"
+  fi
+  rm -f -- "$tmp" "$tmp.raw" "$tmp.fifo" "$tmp.err"
+}
+trap finish EXIT
+trap 'exit 129' HUP INT TERM
+fail() { printf '%s: %s\n' "$self" "$1" >&2; exit "$2"; }
+cd -- "$dir" 2>/dev/null || fail "the cache directory $dir does not exist" 2
 umask 077
-cat > "$tmp"
+if [ $# -gt 0 ]; then
+  next="sh -c $(q "$script") novacache"
+  for arg in "$script" "$nuser" "$nkey" "$nknown" "$nstrict" "$size" "$algo" "$digest" "$format" "$reserve" "$@"; do
+    next="$next $(q "$arg")"
+  done
+  mkfifo -m 600 -- "$tmp.fifo"
+  ssh -F none -T -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
+    -o IdentitiesOnly=yes -o StrictHostKeyChecking="$nstrict" -o UserKnownHostsFile="$nknown" \
+    -o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com \
+    -i "$nkey" -p "$4" -l "$nuser" -- "$3" "$next" < "$tmp.fifo" 2> "$tmp.err" &
+  fwdpid=$!
+  if [ "$mode" = send ]; then
+    cat -- "$final" > "$tmp.fifo" || true
+    exit 0
+  fi
+  # -p: a broken relay (pipe) never stops this node's own copy, nor a full disk the relay.
+  tee -p -- "$tmp" > "$tmp.fifo" || true
+else
+  cat > "$tmp"
+fi
 got=$(stat -c %s -- "$tmp")
-if [ "$got" != "$size" ]; then echo "received $got bytes, expected $size" >&2; exit 3; fi
+[ "$got" = "$size" ] || fail "received $got bytes, expected $size" 3
 case $algo in
   sha512) sum=$(sha512sum < "$tmp") ;;
   sha384) sum=$(sha384sum < "$tmp") ;;
   sha256) sum=$(sha256sum < "$tmp") ;;
   md5) sum=$(md5sum < "$tmp") ;;
-  *) echo "unknown digest algorithm $algo" >&2; exit 2 ;;
+  *) fail "unknown digest algorithm $algo" 2 ;;
 esac
 sum=${sum%% *}
-if [ "$sum" != "$digest" ]; then echo "$algo of the received bytes is $sum, expected $digest" >&2; exit 4; fi
+[ "$sum" = "$digest" ] || fail "$algo of the received bytes is $sum, expected $digest" 4
 ready=$tmp
 if [ "$format" = raw ]; then
   magic=$(head -c 4 -- "$tmp" | od -An -tx1 | tr -d ' \n')
   case $magic in
     514649fb|4b444d56|3c3c3c20|636f6e65|76686478|51454400)
-      echo "refused: the image is declared raw but its bytes are in another disk format (magic $magic)" >&2; exit 6 ;;
+      fail "refused: the image is declared raw but its bytes are in another disk format (magic $magic)" 6 ;;
   esac
 else
-  if ! info=$(qemu-img info --output=json -f "$format" "$tmp" 2>&1); then
-    echo "qemu-img cannot read the image as $format: $info" >&2; exit 5
-  fi
+  info=$(qemu-img info --output=json -f "$format" "$tmp" 2>&1) || fail "qemu-img cannot read the image as $format: $info" 5
   case $info in
-    *'"backing-filename"'*|*'"data-file"'*)
-      echo "refused: the image names a backing file or an external data file" >&2; exit 6 ;;
+    *'"backing-filename"'*|*'"data-file"'*) fail "refused: the image names a backing file or an external data file" 6 ;;
   esac
 fi
 if [ "$convert" = yes ]; then
   vsize=$(printf '%s\n' "$info" | sed -n 's/^ *"virtual-size": *\([0-9]*\).*/\1/p' | head -n 1)
   avail=$(df -P -B1 . | awk 'NR==2 {print $4}')
-  if [ $((avail - vsize)) -lt "$reserve" ]; then
-    echo "not enough space to convert: raw size $vsize, $avail bytes free, reserve $reserve" >&2; exit 7
-  fi
-  qemu-img convert -q -f "$format" -O raw "$tmp" "$tmp.raw"
+  [ $((avail - vsize)) -ge "$reserve" ] || fail "not enough space to convert: raw size $vsize, $avail bytes free, reserve $reserve" 7
+  qemu-img convert -q -f "$format" -O raw "$tmp" "$tmp.raw" || fail "qemu-img convert failed" 5
   rm -f -- "$tmp"
   ready=$tmp.raw
 fi
@@ -98,7 +137,7 @@ chmod 0644 -- "$ready"
 sync -- "$ready"
 mv -f -- "$ready" "$final"
 sync -- .
-stat -c '%s %Y' -- "$final"
+result="0 $(stat -c '%s %Y' -- "$final")"
 """
 
 TOUCH = r"""
@@ -168,6 +207,77 @@ class NodeFacts:
     temps: tuple[CacheFile, ...]
     tools: frozenset[str]
     host_key_checked: bool = True
+
+
+@dataclass(frozen=True)
+class RelaySsh:
+    """How a node reaches the next one of its site (paths are on the nodes): Nova's migration SSH."""
+
+    user: str
+    identity_file: str
+    known_hosts_file: str
+    strict_host_key_checking: bool = True
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A node that receives an image in a chain, as the node before it reaches it."""
+
+    name: str
+    address: str
+    port: int
+    cache_dir: str
+    convert: bool
+
+
+@dataclass(frozen=True)
+class HopResult:
+    """What became of one hop: a verified copy in place (size, mtime), or why not."""
+
+    name: str
+    ok: bool
+    size: int = 0
+    mtime: float = 0.0
+    message: str = ""
+
+
+def parse_chain_output(hops: Sequence[str], sender: str | None, stdout: str, stderr: str) -> dict[str, HopResult]:
+    """Attribute the chain's result lines and messages to its hops.
+
+    A hop with no result line was never reached: the hop before it (or the sender) could not
+    relay to it, and its link line says why.
+    """
+    results: dict[str, tuple[int, int, float]] = {}
+    links: dict[str, str] = {}
+    for line in stdout.splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "novacache-result":
+            name, status, size, mtime = (rest.split(" ") + ["-", "-", "-"])[:4]
+            results[name] = (int(status), int(size) if size.isdigit() else 0,
+                             float(mtime) if status == "0" else 0.0)
+        elif kind == "novacache-link":
+            name, status, message = (rest.split(" ", 2) + ["", ""])[:3]
+            links[name] = f"relay from {name} failed ({status}): {message.strip() or 'no message'}"
+    messages: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        name, sep, message = line.partition(": ")
+        if sep and (name in hops or name == sender):
+            messages.setdefault(name, []).append(message)
+    outcome = {}
+    previous = sender
+    for name in hops:
+        said = "; ".join(messages.get(name, []))
+        if name in results:
+            status, size, mtime = results[name]
+            outcome[name] = HopResult(name, status == 0, size, mtime,
+                                      said or ("" if status == 0 else f"failed with status {status}"))
+        else:
+            why = links.get(previous) if previous else None
+            outcome[name] = HopResult(name, False, message=said or why or
+                                      (f"not reached: {previous} did not relay the image" if previous
+                                       else "the node did not report"))
+        previous = name
+    return outcome
 
 
 def parse_inspection(output: str) -> NodeFacts:
@@ -290,46 +400,72 @@ class Node:
             cache_dir = facts.config.cache_dir
         raise NodeError(f"{self.name}: the cache directory changed while inspecting it")
 
-    async def receive(self, cache_dir: str, image_id: str, chunks: AsyncIterator[bytes], *, size: int,
-                      digest: tuple[str, str], disk_format: str, convert: bool,
-                      reserve: int) -> tuple[int, float]:
-        """Stream an image into the cache under a temp name; verify, check, convert, rename on the node.
+    async def chain(self, image_id: str, hops: Sequence[Hop], chunks: AsyncIterator[bytes] | None, *,
+                    size: int, digest: tuple[str, str], disk_format: str, reserve: int,
+                    relay: RelaySsh | None = None, send_from: str | None = None) -> dict[str, HopResult]:
+        """Fill the image into every hop, in order, in one stream.
 
-        disk_format is the qemu-img name of what the bytes claim to be (`cacherules.qemu_format`):
-        raw bytes that are really another format, and images that name a backing or data file,
-        are refused as Nova refuses them.
-
-        Returns the cached file's size and mtime. On any failure the node keeps nothing of this fill but what it had.
+        With chunks, this node is hops[0] and the stream comes from the operator. With send_from
+        (this node's cache directory), this node sends its own cached copy and is not a hop.
+        Each hop relays to the next over the nodes' SSH trust (relay) while writing its own copy,
+        and verifies its own copy end to end. disk_format is the qemu-img name of what the bytes
+        claim to be (`cacherules.qemu_format`): raw bytes that are really another format, and
+        images that name a backing or data file, are refused as Nova refuses them. A hop that
+        fails does not stop the hops before it; the ones after it get nothing, and say so.
         """
         algo, value = digest
         if algo not in DIGESTS:
             raise NodeError(f"{self.name}: unsupported digest algorithm {algo!r}")
+        if (chunks is None) == (send_from is None) or not hops:
+            raise ValueError("chain needs hops, and either chunks or send_from")
+        if len(hops) > 1 or send_from is not None:
+            if relay is None:
+                raise ValueError("relaying between nodes needs relay settings")
         if self._conn is None:
             raise NodeError(f"{self.name}: not connected")
         final = cacherules.cache_name(image_id)
-        cmd = command(RECEIVE, cache_dir, cacherules.temp_name(image_id), final, size, algo, value,
-                      disk_format, "yes" if convert else "no", reserve)
+        records: list[str | int] = []
+        if send_from is not None:
+            records += ["send", self.name, self.address, self.port, send_from, cacherules.temp_name(image_id),
+                        final, "no"]
+        for hop in hops:
+            records += ["recv", hop.name, hop.address, hop.port, hop.cache_dir, cacherules.temp_name(image_id),
+                        final, "yes" if hop.convert else "no"]
+        relay = relay or RelaySsh("root", "-", "-", True)
+        cmd = command(RELAY, RELAY, relay.user, relay.identity_file, relay.known_hosts_file,
+                      "yes" if relay.strict_host_key_checking else "accept-new",
+                      size, algo, value, disk_format, reserve, *records)
         process = await self._conn.create_process(cmd, encoding=None)
         try:
             try:
-                async for chunk in chunks:
-                    process.stdin.write(chunk)
-                    await process.stdin.drain()
+                if chunks is not None:
+                    async for chunk in chunks:
+                        process.stdin.write(chunk)
+                        await process.stdin.drain()
             finally:
-                # Also when the source failed: the node then sees a short file, removes it and exits,
-                # and waiting for that means the node is clean when this returns.
+                # Also when the source failed: the hops then see a short file, remove it and exit,
+                # and waiting for that means the nodes are clean when this returns.
                 process.stdin.write_eof()
                 result = await asyncio.wait_for(process.wait(), self.CLEANUP_TIMEOUT)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
-            raise NodeError(f"{self.name}: receiving image {image_id}: {error or type(error).__name__}") from None
+            raise NodeError(f"{self.name}: relaying image {image_id}: {error or type(error).__name__}") from None
         finally:
             if process.exit_status is None:
                 process.close()
-        if result.exit_status != 0:
-            reason = result.stderr.decode(errors="replace").strip() if result.stderr else "no message"
-            raise NodeError(f"{self.name}: image {image_id} not cached: {reason}")
-        final_size, mtime = result.stdout.decode().split()
-        return int(final_size), float(mtime)
+        return parse_chain_output([hop.name for hop in hops], (self.name if send_from else None),
+                                  (result.stdout or b"").decode(errors="replace"),
+                                  (result.stderr or b"").decode(errors="replace"))
+
+    async def receive(self, cache_dir: str, image_id: str, chunks: AsyncIterator[bytes], *, size: int,
+                      digest: tuple[str, str], disk_format: str, convert: bool,
+                      reserve: int) -> tuple[int, float]:
+        """Fill one image into this node alone; returns the cached file's size and mtime."""
+        hop = Hop(self.name, self.address, self.port, cache_dir, convert)
+        outcome = (await self.chain(image_id, [hop], chunks, size=size, digest=digest, disk_format=disk_format,
+                                    reserve=reserve))[self.name]
+        if not outcome.ok:
+            raise NodeError(f"{self.name}: image {image_id} not cached: {outcome.message}")
+        return outcome.size, outcome.mtime
 
     async def touch(self, cache_dir: str, names: Sequence[str]) -> float:
         """Reset the age of cached images, all in one command; returns the time it was done."""

@@ -100,7 +100,7 @@ class NodeSshSpec:
     Paths are on the nodes; the private key never leaves them.
     """
     user: str
-    port: int
+    port: int | None   # None: the port the operator uses for that node
     identity_file: str
     known_hosts_file: str
     strict_host_key_checking: bool
@@ -160,7 +160,7 @@ class Policy:
     verify: str
     sites: tuple[SiteSpec, ...]
     limits: Limits
-    node_ssh: NodeSshSpec = NodeSshSpec("root", 22, MIGRATION_IDENTITY, MIGRATION_KNOWN_HOSTS, True)
+    node_ssh: NodeSshSpec = NodeSshSpec("root", None, MIGRATION_IDENTITY, MIGRATION_KNOWN_HOSTS, True)
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
@@ -287,7 +287,7 @@ def _ssh(ssh: _Fields) -> SshSpec:
 def _node_ssh(node_ssh: _Fields) -> NodeSshSpec:
     return NodeSshSpec(
         user=node_ssh.get("user", _ssh_user, "root"),
-        port=node_ssh.get("port", _port, 22),
+        port=node_ssh.get("port", _port, None),
         identity_file=node_ssh.get("identityFile", _conf_path, MIGRATION_IDENTITY),
         known_hosts_file=node_ssh.get("knownHostsFile", _conf_path, MIGRATION_KNOWN_HOSTS),
         strict_host_key_checking=node_ssh.get("strictHostKeyChecking", _flag, True))

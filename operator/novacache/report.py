@@ -32,8 +32,10 @@ class ImageResult:
     image_id: str
     image_name: str
     state: State
-    bytes_moved: int = 0
+    bytes_moved: int = 0     # bytes this node received
+    wan_bytes: int = 0       # of those, bytes that came from Glance over the site's WAN link
     seconds: float = 0.0
+    source: str = ""         # "glance", or "relay from <node>"
     reason: str = ""
 
 
@@ -72,6 +74,10 @@ class Report:
     def bytes_moved(self) -> int:
         return sum(result.bytes_moved for node in self.nodes for result in node.images)
 
+    def wan_bytes(self, site: str | None = None) -> int:
+        """Bytes that crossed a site's WAN link from Glance (all sites when site is None)."""
+        return sum(result.wan_bytes for node in self.nodes if site in (None, node.site) for result in node.images)
+
     def count(self, state: State) -> int:
         return sum(result.state is state for node in self.nodes for result in node.images)
 
@@ -79,24 +85,26 @@ class Report:
         data = asdict(self)
         data["ok"] = self.ok
         data["bytesMoved"] = self.bytes_moved
+        data["wanBytes"] = {site: self.wan_bytes(site) for site in dict.fromkeys(n.site for n in self.nodes)}
         return data
 
     def summary(self) -> str:
         ready = sum(node.ready for node in self.nodes)
         counts = ", ".join(f"{self.count(state)} {state.value}" for state in State if self.count(state))
         return (f"{ready}/{len(self.nodes)} nodes ready; {counts or 'no images'}; "
-                f"{format_size(self.bytes_moved)} moved in {self.finished_at - self.started_at:.1f}s")
+                f"{format_size(self.bytes_moved)} moved ({format_size(self.wan_bytes())} over WAN links) "
+                f"in {self.finished_at - self.started_at:.1f}s")
 
     def table(self) -> str:
         """A table for people: one row per node and image, then the summary."""
-        rows = [("SITE", "NODE", "IMAGE", "STATE", "MOVED", "TIME", "REASON")]
+        rows = [("SITE", "NODE", "IMAGE", "STATE", "MOVED", "TIME", "SOURCE", "REASON")]
         for node in self.nodes:
             if node.error and not node.images:
-                rows.append((node.site, node.node, "-", "failed", "", "", node.error))
+                rows.append((node.site, node.node, "-", "failed", "", "", "", node.error))
             for result in node.images:
                 rows.append((node.site, node.node, result.image_name or result.image_id, result.state.value,
                              format_size(result.bytes_moved) if result.bytes_moved else "",
-                             f"{result.seconds:.1f}s" if result.seconds else "", result.reason))
+                             f"{result.seconds:.1f}s" if result.seconds else "", result.source, result.reason))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
                  for row in rows]
