@@ -41,5 +41,12 @@ test: deps
 demo: deps
 	$(VENV)/bin/novacache demo
 
+# Distribution benchmark on the shaped testbed (256 MiB, WAN 80 Mbit/s, LAN 800 Mbit/s): figures, not tests.
+bench: deps
+	$(VENV)/bin/novacache bench distribution --dir $$(mktemp -d /var/tmp/novacache-bench.XXXXXX) \
+	    --sites 2 --nodes 4 --image-size 256MiB --json bench-results/distribution-2x4.json
+	$(VENV)/bin/novacache bench distribution --dir $$(mktemp -d /var/tmp/novacache-bench.XXXXXX) \
+	    --sites 1 --nodes 8 --image-size 256MiB --json bench-results/distribution-1x8.json
+
 clean:
 	rm -rf $(VENV) $(GLANCE_VENV) .pytest_cache operator/*.egg-info

@@ -47,13 +47,13 @@ def live_processes(name: str) -> list[int]:
 
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    """Two sites of two nodes behind 80 Mbit/s WAN links, Glance with a raw and a qcow2 image."""
+    """Two sites of three nodes behind 80 Mbit/s WAN links, Glance with a raw and a qcow2 image."""
     if not HAS_GLANCE:
         pytest.skip(f"no Glance virtualenv at {default_glance_venv()}: run `make deps`")
     if not IS_ROOT:
         pytest.skip("the testbed's compute nodes need root for their private filesystem views")
     directory = tmp_path_factory.mktemp("testbed")
-    bed = Testbed.up(directory, Options(sites=2, nodes=2, image_size=16 * MiB))
+    bed = Testbed.up(directory, Options(sites=2, nodes=3, image_size=16 * MiB))
     try:
         yield bed
     finally:

@@ -28,14 +28,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_shape_arguments(parser: argparse.ArgumentParser, nodes: int = 3, image_size: str = "64MiB") -> None:
     parser.add_argument("--sites", type=int, default=2, help="edge sites (default 2)")
-    parser.add_argument("--nodes", type=int, default=3, help="compute nodes per site (default 3)")
+    parser.add_argument("--nodes", type=int, default=nodes, help=f"compute nodes per site (default {nodes})")
     parser.add_argument("--wan-rate", type=_rate, default="80mbit",
                         help="WAN link rate central<->site, e.g. 80mbit; 'none' for unshaped (default 80mbit)")
     parser.add_argument("--lan-rate", type=_rate, default="800mbit",
                         help="LAN link rate inside a site; 'none' for unshaped (default 800mbit)")
-    parser.add_argument("--image-size", type=_size, default="64MiB", help="sample image size (default 64MiB)")
+    parser.add_argument("--image-size", type=_size, default=image_size,
+                        help=f"sample image size (default {image_size})")
     parser.add_argument("--mode", choices=["auto", "netns", "loopback"], default="auto",
                         help="netns: shaped multi-site network (root); loopback: sshd on 127.0.0.1 ports, "
                              "unshaped (default: netns when possible)")
@@ -127,6 +128,20 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _bench_distribution(args: argparse.Namespace) -> int:
+    from . import bench
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = set(strategies) - {"direct", "proxy", "pipeline"}
+    if unknown:
+        raise SystemExit(f"novacache bench distribution: unknown strategies {sorted(unknown)}; "
+                         f"use direct, proxy and pipeline")
+    rows = bench.distribution(Path(args.dir), _options(args), strategies)
+    bench.print_table(rows)
+    if args.json:
+        bench.write_json(rows, Path(args.json))
+    return 0 if all(row["allVerified"] for row in rows) else 1
+
+
 def describe(testbed) -> str:
     """The testbed's topology and what its Glance holds right now, as a person wants to read it."""
     from .testbed.images import list_images
@@ -184,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--dry-run", action="store_true", help="observe and plan only; change nothing")
     reconcile.add_argument("--verify", choices=["size", "checksum"], help="override spec.verify")
     reconcile.set_defaults(func=_reconcile)
+
+    bench = commands.add_parser("bench", help="benchmarks on the shaped testbed (figures, not tests)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    distribution = bench_commands.add_parser(
+        "distribution", help="fill a cold testbed with each strategy and compare wall time and WAN bytes")
+    distribution.add_argument("--dir", required=True, help="directory for the benchmark's testbed")
+    _add_shape_arguments(distribution, nodes=4, image_size="256MiB")
+    distribution.add_argument("--strategies", default="direct,proxy,pipeline",
+                              help="comma-separated strategies to compare (default direct,proxy,pipeline)")
+    distribution.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    distribution.set_defaults(func=_bench_distribution)
 
     demo = commands.add_parser("demo", help="bring a testbed up, show it, tear it down")
     _add_shape_arguments(demo)

@@ -167,6 +167,7 @@ class _SiteImage:
             outcome, streamed = {t.name: HopResult(t.name, False, message=str(error)) for t in hops}, 0
         seconds = self.res.clock() - started
         origin = "glance" if source is None else f"relay from {source.name}"
+        blamed = False
         for position, target in enumerate(hops):
             result = outcome[target.name]
             via = origin if position == 0 else f"relay from {hops[position - 1].name}"
@@ -181,6 +182,12 @@ class _SiteImage:
                 log.info("%s: cached %s (%s) from %s in %.1fs", target.name, image.name, image.id, via, seconds)
             else:
                 target.needs[image.id] = f"{target.needs[image.id].split('; ')[0]}; {via}: {result.message}"
+                if not blamed:
+                    # The first hop that failed is served last from now on, so that a node that keeps
+                    # failing does not cut off the nodes after it again; the ones after it were not reached.
+                    blamed = True
+                    self.pending.remove(target)
+                    self.pending.append(target)
                 log.warning("%s: %s (%s) from %s failed: %s", target.name, image.name, image.id, via,
                             result.message)
 

@@ -49,8 +49,9 @@ def alive(pid: int) -> bool:
 
 
 def stop(pid: int, timeout: float = 10.0) -> None:
-    """Terminate pid (then kill it after timeout) and reap it when it is our child."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    """Terminate pid (then kill it after timeout; at once with timeout 0) and reap it if it is our child."""
+    signals = ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)) if timeout else ((signal.SIGKILL, 5.0),)
+    for sig, wait in signals:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:

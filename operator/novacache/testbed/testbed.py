@@ -23,7 +23,7 @@ import yaml
 from . import hostpaths, network, nodes, processes
 from .glance import GlanceServer, default_glance_venv
 from .images import SampleImage, make_sample_images, upload_images
-from .topology import MAX_SLOTS, Plan, loopback_plan, netns_plan
+from .topology import MAX_SLOTS, NodePlan, Plan, loopback_plan, netns_plan
 
 STATE_FILE = "testbed.json"
 CLOUD_SECRET = "openstack-clouds"
@@ -297,6 +297,31 @@ class Testbed:
 
     def wan_rate(self) -> int | None:
         return self.state["options"]["wan_rate"] if self.state["mode"] == "netns" else None
+
+    def wan_tx_bytes(self, site: str) -> int:
+        """Bytes central has sent down a site's WAN link, as the kernel counts them (headers included)."""
+        interface = next(s["wanInterface"] for s in self.sites if s["name"] == site)
+        out = processes.run(["cat", f"/sys/class/net/{interface}/statistics/tx_bytes"], netns=self.central_netns)
+        return int(out.stdout)
+
+    def node(self, name: str) -> dict[str, Any]:
+        return next(node for node in self.nodes if node["name"] == name)
+
+    def stop_node(self, name: str) -> None:
+        """Take a node down hard, as a crash would: every process of its sshd, sessions included."""
+        node = self.node(name)
+        for pid in network.namespace_pids(node["namespace"]) if node["namespace"] else [node["pid"]]:
+            processes.stop(pid, timeout=0)
+
+    def start_node(self, name: str) -> None:
+        """Bring a stopped node back with its files as they were."""
+        node = self.node(name)
+        plan = NodePlan(name=name, site="", index=0, netns=node["namespace"], address=node["address"],
+                        port=node["port"])
+        node["pid"] = nodes.start(plan, nodes.node_files(self.dir, name), self.dir, self.state["isolated"])
+        self.state["pids"].append(node["pid"])
+        self._save()
+        _wait_for_port(node["address"], node["port"], node["pid"])
 
     # -- removing ---------------------------------------------------------------------------
     def down(self, keep_files: bool = False) -> None:
