@@ -105,6 +105,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from . import handlers
+    if not args.all_namespaces and not args.namespace:
+        raise SystemExit("novacache run: give --namespace NS (repeatable) or --all-namespaces")
+    handlers.run([] if args.all_namespaces else args.namespace, liveness=args.liveness)
+    return 0
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     import asyncio
     import dataclasses
@@ -184,10 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = testbed_commands.add_parser("show", help="print a testbed's topology and Glance images")
     show.add_argument("--dir", required=True)
     show.set_defaults(func=_testbed_show)
-    run = testbed_commands.add_parser("exec", help="run a command where the operator runs (central)")
-    run.add_argument("--dir", required=True)
-    run.add_argument("command", nargs=argparse.REMAINDER)
-    run.set_defaults(func=_testbed_exec)
+    exec_ = testbed_commands.add_parser("exec", help="run a command where the operator runs (central)")
+    exec_.add_argument("--dir", required=True)
+    exec_.add_argument("command", nargs=argparse.REMAINDER)
+    exec_.set_defaults(func=_testbed_exec)
+
+    run = commands.add_parser("run", help="run the operator (kopf) against the current Kubernetes cluster")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="serve policies in this namespace")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve policies cluster-wide")
+    run.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                     help="health endpoint for probes (default http://0.0.0.0:8080/healthz)")
+    run.set_defaults(func=_run)
 
     reconcile = commands.add_parser(
         "reconcile", help="one full reconcile of a policy file, without Kubernetes; exit 0 when every "

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from . import cacherules
 from .distribute import Resources, Target, fill_site
-from .glance import ImageError, ImageInfo
+from .glance import ImageError, ImageInfo, ResolutionError
 from .node import Node, NodeError, NodeFacts, SshCredentials
 from .policy import ImageRef, NodeSpec, Policy
 from .report import ImageResult, NodeResult, Report, State
@@ -55,6 +55,8 @@ async def reconcile(policy: Policy, source: ImageSource, credentials: SshCredent
     report = Report(policy=policy.name, started_at=clock())
     try:
         images = await asyncio.to_thread(source.resolve, policy.images)
+    except ResolutionError:
+        raise   # the policy names images that are not there: the caller's to report
     except ImageError as error:
         report.error = str(error)
         report.finished_at = clock()
