@@ -48,7 +48,7 @@ done
 """
 
 # One hop of a chain. The operator streams into the first hop, or has a node that holds a verified
-# copy send it ("send" mode); each "recv" hop writes its own copy while relaying the stream to the
+# copy send it ("send" mode); each "recv" hop writes its own copy and relays it, as it grows, to the
 # next hop over the nodes' own SSH trust, then verifies, checks, converts and renames its copy.
 # The script travels with the stream: each hop re-quotes its own text and the remaining hops for the
 # next one, so a command line stays the same size however long the chain.
@@ -73,11 +73,25 @@ finish() {
   if [ -n "$link" ]; then
     printf 'novacache-link %s %s %s\n' "$self" "$link" "$(head -c 300 -- "$tmp.err" 2>/dev/null | tr '\n' ' ')"
   fi
-  rm -f -- "$tmp" "$tmp.raw" "$tmp.fifo" "$tmp.err"
+  rm -f -- "$tmp" "$tmp.raw" "$tmp.err" "$tmp.sum" "$tmp.bad"
 }
 trap finish EXIT
 trap 'exit 129' HUP INT TERM
 fail() { printf '%s: %s\n' "$self" "$1" >&2; exit "$2"; }
+digest() {
+  case $algo in
+    sha512) sha512sum ;;
+    sha384) sha384sum ;;
+    sha256) sha256sum ;;
+    md5) md5sum ;;
+  esac
+}
+relay() {
+  ssh -F none -T -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
+    -o IdentitiesOnly=yes -o StrictHostKeyChecking="$nstrict" -o UserKnownHostsFile="$nknown" \
+    -o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com \
+    -i "$nkey" -p "$2" -l "$nuser" -- "$1" "$next"
+}
 cd -- "$dir" 2>/dev/null || fail "the cache directory $dir does not exist" 2
 umask 077
 if [ $# -gt 0 ]; then
@@ -85,31 +99,28 @@ if [ $# -gt 0 ]; then
   for arg in "$script" "$nuser" "$nkey" "$nknown" "$nstrict" "$size" "$algo" "$digest" "$format" "$reserve" "$@"; do
     next="$next $(q "$arg")"
   done
-  mkfifo -m 600 -- "$tmp.fifo"
-  ssh -F none -T -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
-    -o IdentitiesOnly=yes -o StrictHostKeyChecking="$nstrict" -o UserKnownHostsFile="$nknown" \
-    -o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com \
-    -i "$nkey" -p "$4" -l "$nuser" -- "$3" "$next" < "$tmp.fifo" 2> "$tmp.err" &
-  fwdpid=$!
   if [ "$mode" = send ]; then
-    cat -- "$final" > "$tmp.fifo" || true
+    relay "$3" "$4" < "$final" 2> "$tmp.err" || link=$?
     exit 0
   fi
-  # -p: a broken relay (pipe) never stops this node's own copy, nor a full disk the relay.
-  tee -p -- "$tmp" > "$tmp.fifo" || true
-else
-  cat > "$tmp"
 fi
+# This node's copy is written, and hashed, at the speed the stream arrives; a relay to the next
+# node reads the file as it grows, so a slow or broken next node never holds up the stream or
+# this node's own copy.
+: > "$tmp"
+exec 3<&0
+{ tee -- "$tmp" <&3 || : > "$tmp.bad"; } | digest > "$tmp.sum" &
+writer=$!
+exec 3<&-
+if [ $# -gt 0 ]; then
+  tail -c +1 -s 0.2 --pid="$writer" -f -- "$tmp" 2>/dev/null | relay "$3" "$4" 2> "$tmp.err" &
+  fwdpid=$!
+fi
+wait "$writer" || true
+[ ! -e "$tmp.bad" ] || fail "writing the copy failed" 3
 got=$(stat -c %s -- "$tmp")
 [ "$got" = "$size" ] || fail "received $got bytes, expected $size" 3
-case $algo in
-  sha512) sum=$(sha512sum < "$tmp") ;;
-  sha384) sum=$(sha384sum < "$tmp") ;;
-  sha256) sum=$(sha256sum < "$tmp") ;;
-  md5) sum=$(md5sum < "$tmp") ;;
-  *) fail "unknown digest algorithm $algo" 2 ;;
-esac
-sum=${sum%% *}
+read -r sum rest < "$tmp.sum" || sum=
 [ "$sum" = "$digest" ] || fail "$algo of the received bytes is $sum, expected $digest" 4
 ready=$tmp
 if [ "$format" = raw ]; then
