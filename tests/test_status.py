@@ -95,3 +95,13 @@ def test_status_for_two_thousand_nodes_and_fifty_images_stays_under_64_kib() -> 
         assert size < 64 * 1024
         assert result["summary"]["nodes"] == 2000
         assert len(result["sites"]) <= status.MAX_SITES
+
+
+def test_every_status_fits_the_crds_status_schema() -> None:
+    from test_manifests import SCHEMA, schema_errors
+    schema = SCHEMA["properties"]["status"]
+    done = status.finished(fleet(3, 2, 2, failing_every=3), None, 2, NOW, LATER, retrying=True)
+    for result in (done, status.reconciling(done, 3, NOW, "refreshing"),
+                   status.stalled(done, 3, NOW, "InvalidSpec", "spec.ttl: bad"),
+                   status.finished(fleet(2000, 1, 50, failing_every=7), None, 1, NOW, LATER, retrying=True)):
+        assert schema_errors(result, schema) == []

@@ -340,9 +340,10 @@ def _sites(spec: _Fields, ssh_port: int | None, nova_conf: tuple[str, ...],
             for node_at, node in site.entries("nodes", "the site's compute nodes",
                                               "[{name: dcn0-compute-0, address: 192.0.2.10}]"))
         seed = site.get("seedNode", _node_name, None)
-        if seed is not None and nodes and seed not in {node.name for node in nodes}:
+        names = [node.name for node in nodes if node.name is not None]
+        if seed is not None and names and seed not in names:
             site.at.key("seedNode").problem(
-                f"{_show(seed)} is not a node of this site; name one of {', '.join(n.name for n in nodes)}, "
+                f"{_show(seed)} is not a node of this site; name one of {', '.join(names)}, "
                 f"or leave seedNode out to use the first healthy node")
         sites.append(SiteSpec(name=name, nodes=nodes, strategy=site.get("strategy", _strategy, strategy),
                               seed_node=seed))
