@@ -39,7 +39,7 @@ async def stop_all(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def apply(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.apply(dict(body))
 
 
