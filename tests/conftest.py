@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
+from novacache import cacherules, credentials
+from novacache.engine import reconcile
+from novacache.glance import GlanceImages
+from novacache.policy import Policy, load_policy
+from novacache.report import Report
 from novacache.testbed import Options, Testbed
 from novacache.testbed.glance import default_glance_venv
 from novacache.testbed.network import netns_available
+
+pytest_plugins = ["k8s"]   # the `kube` fixture: an emulated Kubernetes API
 
 MiB = 1024 * 1024
 
@@ -23,6 +34,62 @@ needs_netns = pytest.mark.skipif(
     not HAS_NETNS, reason="needs root and network namespaces (shaped links exist only in netns mode)")
 needs_glance = pytest.mark.skipif(
     not HAS_GLANCE, reason=f"no Glance virtualenv at {default_glance_venv()}: run `make deps`")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sha512(path: Path) -> str:
+    """A file's sha512, computed by the test itself rather than trusted from the code under test."""
+    with open(path, "rb") as data:
+        return hashlib.file_digest(data, "sha512").hexdigest()
+
+
+def policy_for(bed: Testbed, **spec_changes: object) -> Policy:
+    document = yaml.safe_load((bed.dir / "policy.yaml").read_text())
+    document["spec"].update(spec_changes)
+    return load_policy(document)
+
+
+def run(bed: Testbed, policy: Policy, source: object = None, **kwargs: object) -> Report:
+    creds = credentials.load(policy, credentials.directory_reader(bed.secrets_dir))
+    source = source or GlanceImages.from_clouds_yaml(creds.clouds_yaml, policy.cloud.cloud_name)
+    return asyncio.run(reconcile(policy, source, creds.ssh, **kwargs))
+
+
+def cache_file(node: dict, image_id: str) -> Path:
+    return Path(node["cacheDir"]) / cacherules.cache_name(image_id)
+
+
+@pytest.fixture
+def bed(testbed: Testbed) -> Iterator[Testbed]:
+    """The session's testbed with every node's image cache emptied before and after the test."""
+    def empty() -> None:
+        for node in testbed.nodes:
+            for entry in Path(node["cacheDir"]).iterdir():
+                entry.unlink()
+    empty()
+    yield testbed
+    empty()
+
+
+@pytest.fixture(scope="session")
+def raw_equivalents(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """sha512 of what Nova would store for each sample image: raw bytes as they are, qcow2 converted."""
+    out = {}
+    for image in testbed.images:
+        if image.disk_format == "raw":
+            out[image.id] = image.sha512
+        else:
+            converted = tmp_path_factory.mktemp("raw") / f"{image.id}.raw"
+            subprocess.run(["qemu-img", "convert", "-f", image.disk_format, "-O", "raw", str(image.path),
+                            str(converted)], check=True)
+            out[image.id] = sha512(converted)
+    return out
 
 
 def host_snapshot() -> dict[str, object]:

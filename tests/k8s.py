@@ -907,8 +907,8 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
                 raise _status_error(400, "BadRequest", f"invalid JSON patch: {error}") from None
         else:
             raise _status_error(415, "UnsupportedMediaType",
-                                f'the body of the request was in an unknown format - accepted media types '
-                                f'include: application/json-patch+json, application/merge-patch+json'
+                                'the body of the request was in an unknown format - accepted media types '
+                                'include: application/json-patch+json, application/merge-patch+json'
                                 + ("" if rdef.custom else ", application/strategic-merge-patch+json")
                                 + (" (server-side apply is not emulated)" if "apply-patch" in content_type else ""))
         return self._write(rdef, old, new, request.subresource, request.params)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import needs_glance, needs_netns
-from novacache import cacherules, credentials
+from conftest import cache_file, needs_glance, needs_netns, policy_for, run, sha512
+from novacache import credentials
 from novacache.glance import GlanceImages
 from novacache.node import parse_chain_output
 from novacache.report import State
 from novacache.testbed import Testbed
-from test_engine import bed, cache_file, policy_for, raw_equivalents, run, sha512  # noqa: F401 - fixtures
 
 pytestmark = [needs_glance, needs_netns]
 

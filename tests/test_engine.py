@@ -13,64 +13,15 @@ from typing import AsyncIterator, Iterator
 import pytest
 import yaml
 
-from conftest import MiB, needs_glance, ssh
+from conftest import MiB, cache_file, needs_glance, policy_for, run, sha512, ssh
 from novacache import cacherules, credentials
 from novacache.engine import reconcile
 from novacache.glance import GlanceImages, ImageError
 from novacache.node import Node, NodeError, SshCredentials
-from novacache.policy import Policy, load_policy
-from novacache.report import Report, State
+from novacache.report import State
 from novacache.testbed import Testbed
 
 pytestmark = needs_glance
-
-
-def sha512(path: Path) -> str:
-    with open(path, "rb") as data:
-        return hashlib.file_digest(data, "sha512").hexdigest()
-
-
-def policy_for(bed: Testbed, **spec_changes: object) -> Policy:
-    document = yaml.safe_load((bed.dir / "policy.yaml").read_text())
-    document["spec"].update(spec_changes)
-    return load_policy(document)
-
-
-def run(bed: Testbed, policy: Policy, source: object = None, **kwargs: object) -> Report:
-    creds = credentials.load(policy, credentials.directory_reader(bed.secrets_dir))
-    source = source or GlanceImages.from_clouds_yaml(creds.clouds_yaml, policy.cloud.cloud_name)
-    return asyncio.run(reconcile(policy, source, creds.ssh, **kwargs))
-
-
-def cache_file(node: dict, image_id: str) -> Path:
-    return Path(node["cacheDir"]) / cacherules.cache_name(image_id)
-
-
-@pytest.fixture
-def bed(testbed: Testbed) -> Iterator[Testbed]:
-    """The session's testbed with every node's image cache emptied before and after the test."""
-    def empty() -> None:
-        for node in testbed.nodes:
-            for entry in Path(node["cacheDir"]).iterdir():
-                entry.unlink()
-    empty()
-    yield testbed
-    empty()
-
-
-@pytest.fixture(scope="module")
-def raw_equivalents(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """sha512 of what Nova would store for each sample image: raw bytes as they are, qcow2 converted."""
-    out = {}
-    for image in testbed.images:
-        if image.disk_format == "raw":
-            out[image.id] = image.sha512
-        else:
-            converted = tmp_path_factory.mktemp("raw") / f"{image.id}.raw"
-            subprocess.run(["qemu-img", "convert", "-f", image.disk_format, "-O", "raw", str(image.path),
-                            str(converted)], check=True)
-            out[image.id] = sha512(converted)
-    return out
 
 
 def test_cold_fill_puts_on_every_node_what_nova_would_store(bed: Testbed, raw_equivalents: dict) -> None:
@@ -321,3 +272,18 @@ def test_cli_reconcile_exits_zero_when_everything_is_cached(bed: Testbed, tmp_pa
     assert "refreshed" in second.stdout and "0 B moved" in second.stdout
     data = yaml.safe_load(out.read_text())
     assert data["ok"] is True and data["bytesMoved"] == 0
+
+
+def test_a_missing_cache_directory_is_created_as_nova_would(bed: Testbed) -> None:
+    node = bed.nodes[0]
+    cache = Path(node["cacheDir"])
+    cache.rmdir()
+    try:
+        report = run(bed, policy_for(bed))
+        assert report.ok, report.table()
+        info = cache.stat()
+        assert (info.st_uid, info.st_gid) == (42436, 42436)     # the owner of instances_path
+        assert sorted(p.name for p in cache.iterdir()) == sorted(cacherules.cache_name(i.id) for i in bed.images)
+    finally:
+        cache.mkdir(exist_ok=True)
+        os.chown(cache, 42436, 42436)

@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,37 +23,17 @@ import pytest
 import yaml
 from openstack.image.v2.image import Image
 
+from conftest import free_port, needs_glance, sha512
 from novacache.glance import CloudConfigError, GlanceImages, ImageError, ImageInfo, ResolutionError
 from novacache.testbed.glance import GlanceServer, default_glance_venv
 from novacache.testbed.images import SampleImage, glance_connection, make_sample_images, upload_images
 
-try:
-    from novacache.policy import ImageRef
-except ImportError:   # policy.py is written separately; the client only needs this shape
-    @dataclass(frozen=True)
-    class ImageRef:  # type: ignore[no-redef]
-        path: str
-        id: str | None = None
-        name: str | None = None
+from novacache.policy import ImageRef
 
 SIZE = 1 << 20
 SMALL = 64 << 10
 SECRET = "hunter2-Sup3rSecret-value"
 VENV = default_glance_venv()
-needs_glance = pytest.mark.skipif(
-    not (VENV / "bin" / "gunicorn").exists(),
-    reason=f"no Glance virtualenv with gunicorn at {VENV} (set NOVACACHE_GLANCE_VENV)")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _sha512(path: Path) -> str:
-    with open(path, "rb") as data:
-        return hashlib.file_digest(data, "sha512").hexdigest()
 
 
 def _clouds_yaml(clouds: dict) -> bytes:
@@ -89,7 +68,7 @@ class Images:
 def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
     if not (VENV / "bin" / "gunicorn").exists():
         pytest.skip(f"no Glance virtualenv with gunicorn at {VENV} (set NOVACACHE_GLANCE_VENV)")
-    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", _free_port(),
+    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", free_port(),
                           venv=VENV)
     server.start()
     yield server
@@ -174,7 +153,7 @@ def test_resolve_by_id_and_by_name(client: GlanceImages, images: Images) -> None
         assert (info.size, info.checksum, info.hash_algo, info.hash_value) == \
                (sample.size, sample.checksum, "sha512", sample.sha512)
         assert info.stores == ("central",)
-        assert info.digest() == ("sha512", _sha512(sample.path))
+        assert info.digest() == ("sha512", sha512(sample.path))
 
 
 @needs_glance
@@ -272,7 +251,7 @@ def test_names_glance_would_read_as_an_operator_are_matched_literally(glance: Gl
 
 
 def test_glance_down_is_an_image_error_not_a_resolution_error() -> None:
-    client = GlanceImages(glance_connection(f"http://127.0.0.1:{_free_port()}"))
+    client = GlanceImages(glance_connection(f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(ImageError) as caught:
         client.resolve([ImageRef("spec.images[0]", name="cirros")])
     assert not isinstance(caught.value, ResolutionError)
@@ -366,11 +345,11 @@ def test_from_clouds_yaml_with_the_testbed_secret(glance: GlanceServer, images: 
 def test_from_clouds_yaml_ignores_environment_and_local_files(glance: GlanceServer, images: Images,
                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decoy = tmp_path / "clouds.yaml"
-    decoy.write_bytes(_clouds_yaml({"central": _noauth_cloud(f"http://127.0.0.1:{_free_port()}")}))
+    decoy.write_bytes(_clouds_yaml({"central": _noauth_cloud(f"http://127.0.0.1:{free_port()}")}))
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(decoy))
     monkeypatch.setenv("OS_CLOUD", "central")
     monkeypatch.setenv("OS_AUTH_URL", "http://127.0.0.1:9/v3")
-    monkeypatch.setenv("OS_IMAGE_ENDPOINT_OVERRIDE", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("OS_IMAGE_ENDPOINT_OVERRIDE", f"http://127.0.0.1:{free_port()}")
     client = GlanceImages.from_clouds_yaml(_clouds_yaml({"central": _noauth_cloud(glance.endpoint)}), "central")
     assert [info.id for info in client.resolve([ImageRef("spec.images[0]", id=images.raw.id)])] == [images.raw.id]
 

@@ -7,27 +7,19 @@ by the test itself, not by the code under test.
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from conftest import free_port, needs_glance, sha512
 from novacache.testbed import processes
 from novacache.testbed.glance import GlanceServer, default_glance_venv
 from novacache.testbed.images import SampleImage, glance_connection, make_sample_images, upload_images
 
 SIZE = 4 << 20
 VENV = default_glance_venv()
-pytestmark = pytest.mark.skipif(
-    not (VENV / "bin" / "gunicorn").exists(),
-    reason=f"no Glance virtualenv with gunicorn at {VENV} (set NOVACACHE_GLANCE_VENV)")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+pytestmark = needs_glance
 
 
 def _children(pid: int) -> list[int]:
@@ -43,11 +35,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _sha512(path: Path) -> str:
-    with open(path, "rb") as data:
-        return hashlib.file_digest(data, "sha512").hexdigest()
-
-
 def _md5(path: Path) -> str:
     with open(path, "rb") as data:
         return hashlib.file_digest(data, "md5").hexdigest()
@@ -55,7 +42,7 @@ def _md5(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
-    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", _free_port(),
+    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", free_port(),
                           venv=VENV)
     server.start()
     yield server
@@ -86,7 +73,7 @@ def test_glance_reports_local_hashes_and_store(glance: GlanceServer, uploaded: l
         assert image.size == sample.path.stat().st_size
         assert image.checksum == sample.checksum == _md5(sample.path)
         assert image.hash_algo == "sha512"
-        assert image.hash_value == sample.sha512 == _sha512(sample.path)
+        assert image.hash_value == sample.sha512 == sha512(sample.path)
         assert image.properties["stores"] == "central"
 
 
@@ -97,11 +84,11 @@ def test_streamed_download_matches(glance: GlanceServer, uploaded: list[SampleIm
         for chunk in conn.image.download_image(sample.id, stream=True).iter_content(1 << 20):
             digest.update(chunk)
             length += len(chunk)
-        assert (length, digest.hexdigest()) == (sample.size, _sha512(sample.path))
+        assert (length, digest.hexdigest()) == (sample.size, sha512(sample.path))
 
 
 def test_stop_leaves_no_process(tmp_path: Path) -> None:
-    server = GlanceServer(tmp_path / "glance", ["central"], "127.0.0.1", _free_port(), venv=VENV)
+    server = GlanceServer(tmp_path / "glance", ["central"], "127.0.0.1", free_port(), venv=VENV)
     pid = server.start()
     try:
         workers = _children(pid)

@@ -13,7 +13,7 @@ import kubernetes
 import pytest
 import requests
 
-from k8s import (API_VERSION, GROUP, KIND, PLURAL, VERSION, KubeAPIError, KubeHarness, kube,  # noqa: F401
+from k8s import (API_VERSION, GROUP, KIND, PLURAL, VERSION, KubeAPIError, KubeHarness,  # noqa: F401
                  kube_harness, run_operator, sample_spec)
 
 # A throwaway operator: what novacache.handlers will do, in miniature. Written to a file per test.

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import needs_glance
-from k8s import KubeHarness, kube, run_operator  # noqa: F401 - kube is a fixture
+from k8s import KubeHarness, run_operator
 from novacache.testbed import Testbed
-from test_engine import bed  # noqa: F401 - fixture
 
 pytestmark = needs_glance
 

@@ -127,6 +127,9 @@ class _Observer:
                 f"nova.conf removes unused images after {config.remove_unused_original_minimum_age_seconds}s, "
                 f"not longer than refreshInterval ({self.policy.refresh_interval}s): images may be removed "
                 f"between refreshes; shorten refreshInterval")
+        if "qemu-img" not in facts.tools:
+            result.warnings.append("qemu-img is not installed: images other than raw cannot be checked or "
+                                   "converted, and will fail")
         await self._remove_stale_temps(node, facts)
         present, needs = await self._plan(node, facts)
         if self.dry_run:

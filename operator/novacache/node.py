@@ -35,14 +35,13 @@ for candidate do
   if [ -r "$candidate" ] && [ -f "$candidate" ]; then conf=$candidate; break; fi
 done
 if [ -n "$conf" ]; then printf 'conf %s\n' "$conf"; base64 -w0 < "$conf"; echo; else printf 'conf -\n\n'; fi
+space=$dir
+[ -d "$space" ] || space=$(dirname -- "$dir")
+printf 'free %s\n' "$(df -P -B1 -- "$space" 2>/dev/null | awk 'NR==2 {print $4}')"
 if [ -d "$dir" ]; then
-  printf 'dir %s\n' "$(stat -c '%u %g' -- "$dir")"
-  printf 'free %s\n' "$(df -P -B1 -- "$dir" | awk 'NR==2 {print $4}')"
   find "$dir" -mindepth 1 -maxdepth 1 -type f -printf 'file %s %T@ %U %G %m %f\n'
-else
-  echo 'dir -'
 fi
-for tool in qemu-img sha512sum; do
+for tool in qemu-img; do
   if command -v "$tool" >/dev/null 2>&1; then printf 'tool %s\n' "$tool"; fi
 done
 """
@@ -92,7 +91,12 @@ relay() {
     -o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com \
     -i "$nkey" -p "$2" -l "$nuser" -- "$1" "$next"
 }
-cd -- "$dir" 2>/dev/null || fail "the cache directory $dir does not exist" 2
+if [ ! -d "$dir" ]; then
+  # Nova creates its cache directory with the first image it caches; so do we, owned alike.
+  mkdir -- "$dir" 2>/dev/null && chown --reference="$dir/.." -- "$dir" ||
+    fail "cannot create the cache directory $dir (does instances_path exist?)" 2
+fi
+cd -- "$dir"
 umask 077
 if [ $# -gt 0 ]; then
   next="sh -c $(q "$script") novacache"
@@ -211,8 +215,6 @@ class NodeFacts:
     """What one inspection found: Nova's cache settings and the cache directory's contents."""
 
     config: NovaCacheConfig
-    cache_dir_exists: bool
-    owner: tuple[int, int] | None
     free_bytes: int
     files: dict[str, CacheFile]
     temps: tuple[CacheFile, ...]
@@ -302,14 +304,11 @@ def parse_inspection(output: str) -> NodeFacts:
     else:
         text = base64.b64decode(lines[1]).decode("utf-8", errors="replace")
         config = cacherules.parse_nova_conf(text, source=conf_path)
-    owner, free, files, temps, tools, exists = None, 0, {}, [], set(), False
+    free, files, temps, tools = 0, {}, [], set()
     for line in lines[2:]:
         kind, _, rest = line.partition(" ")
-        if kind == "dir" and rest != "-":
-            uid, gid = rest.split()
-            owner, exists = (int(uid), int(gid)), True
-        elif kind == "free":
-            free = int(rest)
+        if kind == "free":
+            free = int(rest) if rest.isdigit() else 0
         elif kind == "file":
             parts = rest.split(" ", 5)
             if len(parts) != 6:
@@ -322,8 +321,7 @@ def parse_inspection(output: str) -> NodeFacts:
                 files[name] = entry
         elif kind == "tool":
             tools.add(rest)
-    return NodeFacts(config=config, cache_dir_exists=exists, owner=owner, free_bytes=free, files=files,
-                     temps=tuple(temps), tools=frozenset(tools))
+    return NodeFacts(config=config, free_bytes=free, files=files, temps=tuple(temps), tools=frozenset(tools))
 
 
 class Node:
