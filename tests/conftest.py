@@ -19,7 +19,7 @@ from novacache.glance import GlanceImages
 from novacache.policy import Policy, load_policy
 from novacache.report import Report
 from novacache.testbed import Options, Testbed
-from novacache.testbed.glance import default_glance_venv
+from novacache.testbed.glance import GlanceServer, default_glance_venv
 from novacache.testbed.network import netns_available
 
 pytest_plugins = ["k8s"]   # the `kube` fixture: an emulated Kubernetes API
@@ -47,6 +47,17 @@ def sha512(path: Path) -> str:
     """A file's sha512, computed by the test itself rather than trusted from the code under test."""
     with open(path, "rb") as data:
         return hashlib.file_digest(data, "sha512").hexdigest()
+
+
+@pytest.fixture(scope="module")
+def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
+    """A real Glance on 127.0.0.1 with stores central and dcn0, one per test module."""
+    if not HAS_GLANCE:
+        pytest.skip(f"no Glance virtualenv at {default_glance_venv()}: run `make deps`")
+    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 def policy_for(bed: Testbed, **spec_changes: object) -> Policy:

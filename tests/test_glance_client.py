@@ -17,7 +17,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -25,7 +24,7 @@ from openstack.image.v2.image import Image
 
 from conftest import free_port, needs_glance, sha512
 from novacache.glance import CloudConfigError, GlanceImages, ImageError, ImageInfo, ResolutionError
-from novacache.testbed.glance import GlanceServer, default_glance_venv
+from novacache.testbed.glance import GlanceServer
 from novacache.testbed.images import SampleImage, glance_connection, make_sample_images, upload_images
 
 from novacache.policy import ImageRef
@@ -33,7 +32,6 @@ from novacache.policy import ImageRef
 SIZE = 1 << 20
 SMALL = 64 << 10
 SECRET = "hunter2-Sup3rSecret-value"
-VENV = default_glance_venv()
 
 
 def _clouds_yaml(clouds: dict) -> bytes:
@@ -62,17 +60,6 @@ class Images:
     queued: str                   # no data; its name is its own
     deactivated: str
     dcn: SampleImage              # uploaded to the dcn0 store only
-
-
-@pytest.fixture(scope="module")
-def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
-    if not (VENV / "bin" / "gunicorn").exists():
-        pytest.skip(f"no Glance virtualenv with gunicorn at {VENV} (set NOVACACHE_GLANCE_VENV)")
-    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", free_port(),
-                          venv=VENV)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -38,15 +37,6 @@ def _children(pid: int) -> list[int]:
 def _md5(path: Path) -> str:
     with open(path, "rb") as data:
         return hashlib.file_digest(data, "md5").hexdigest()
-
-
-@pytest.fixture(scope="module")
-def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
-    server = GlanceServer(tmp_path_factory.mktemp("glance"), ["central", "dcn0"], "127.0.0.1", free_port(),
-                          venv=VENV)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
