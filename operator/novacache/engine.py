@@ -1,9 +1,10 @@
-"""One reconcile of a policy: observe every node, plan, fill and refresh, report. No Kubernetes.
+"""One reconcile of a policy: observe and refresh every node, fill what each site lacks, report.
 
-The engine owns the order of things and the limits: concurrent Glance streams are bounded
-(`limits.glanceStreams`, like Ansible's forks), a node takes one fill at a time, refreshes are done
-before fills so a long transfer never lets another image age out, and a failure on one node or
-image is recorded and never stops the others.
+No Kubernetes here. The engine owns the order of things and the limits: concurrent Glance streams
+are bounded (`limits.glanceStreams`, like Ansible's forks), a node takes one fill at a time,
+refreshes are done before fills so a long transfer never lets another image age out, and a failure
+on one node or image is recorded and never stops the others. How an image spreads within a site
+is `distribute`'s.
 """
 
 from __future__ import annotations
