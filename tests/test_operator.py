@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import yaml
 
-from conftest import needs_glance
+from conftest import free_port, needs_glance
 from k8s import KubeHarness, run_operator
 from novacache.testbed import Testbed
 
@@ -111,3 +115,28 @@ def test_secrets_never_reach_status_events_or_logs(kube: KubeHarness, bed: Testb
         kube.wait_for(lambda: ready_at(kube, "edge", 1), 180, "Ready")
     everything = runner.output + repr(kube.get_policy("edge")) + repr(kube.events())
     assert key not in everything
+
+
+def test_novacache_run_serves_policies_and_a_health_endpoint(kube: KubeHarness, bed: Testbed) -> None:
+    """The real entry point, as the Deployment starts it, in a process of its own."""
+    port = free_port()
+    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    argv = [str(Path(sys.executable).with_name("novacache")), "run", "--namespace", "default",
+            "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    operator = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+                    return answer.status == 200
+            except OSError:
+                return False
+        kube.wait_for(healthy, 30, "the liveness endpoint")
+        kube.create_policy("edge", policy_spec(bed))      # no Secrets in this namespace
+        kube.wait_for(lambda: conditions(kube, "edge").get("Stalled", {}).get("status") == "True", 30, "Stalled")
+        assert conditions(kube, "edge")["Stalled"]["reason"] == "SecretNotFound"
+    finally:
+        operator.terminate()
+        output = operator.communicate(timeout=30)[0].decode(errors="replace")
+    assert operator.returncode in (0, -15), output
