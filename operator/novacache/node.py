@@ -55,7 +55,20 @@ done
 # 8 per hop: mode name address port dir tmp final convert.
 # Each recv hop prints "novacache-result NAME STATUS SIZE MTIME"; a hop whose relay to the next
 # failed prints "novacache-link NAME STATUS MESSAGE"; messages go to stderr as "NAME: message".
-RELAY = r"""
+# The digest of standard input, by the algorithm in $algo; shared by the scripts that hash.
+DIGEST = r"""
+digest() {
+  case $algo in
+    sha512) sha512sum ;;
+    sha384) sha384sum ;;
+    sha256) sha256sum ;;
+    md5) md5sum ;;
+    *) return 2 ;;
+  esac
+}
+"""
+
+RELAY = DIGEST + r"""
 set -eu
 script=$1 nuser=$2 nkey=$3 nknown=$4 nstrict=$5 size=$6 algo=$7 digest=$8 format=$9 reserve=${10}
 shift 10
@@ -77,14 +90,6 @@ finish() {
 trap finish EXIT
 trap 'exit 129' HUP INT TERM
 fail() { printf '%s: %s\n' "$self" "$1" >&2; exit "$2"; }
-digest() {
-  case $algo in
-    sha512) sha512sum ;;
-    sha384) sha384sum ;;
-    sha256) sha256sum ;;
-    md5) md5sum ;;
-  esac
-}
 relay() {
   ssh -F none -T -o BatchMode=yes -o ConnectTimeout=20 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
     -o IdentitiesOnly=yes -o StrictHostKeyChecking="$nstrict" -o UserKnownHostsFile="$nknown" \
@@ -163,17 +168,11 @@ REMOVE = r"""
 cd -- "$1" && shift && rm -f -- "$@"
 """
 
-CHECKSUM = r"""
+CHECKSUM = DIGEST + r"""
 set -eu
 cd -- "$1"; algo=$2; shift 2
 for name do
-  case $algo in
-    sha512) sum=$(sha512sum < "$name") ;;
-    sha384) sum=$(sha384sum < "$name") ;;
-    sha256) sum=$(sha256sum < "$name") ;;
-    md5) sum=$(md5sum < "$name") ;;
-    *) exit 2 ;;
-  esac
+  sum=$(digest < "$name")
   printf '%s %s\n' "${sum%% *}" "$name"
 done
 """
@@ -464,17 +463,6 @@ class Node:
         return parse_chain_output([hop.name for hop in hops], (self.name if send_from else None),
                                   (result.stdout or b"").decode(errors="replace"),
                                   (result.stderr or b"").decode(errors="replace"))
-
-    async def receive(self, cache_dir: str, image_id: str, chunks: AsyncIterator[bytes], *, size: int,
-                      digest: tuple[str, str], disk_format: str, convert: bool,
-                      reserve: int) -> tuple[int, float]:
-        """Fill one image into this node alone; returns the cached file's size and mtime."""
-        hop = Hop(self.name, self.address, self.port, cache_dir, convert)
-        outcome = (await self.chain(image_id, [hop], chunks, size=size, digest=digest, disk_format=disk_format,
-                                    reserve=reserve))[self.name]
-        if not outcome.ok:
-            raise NodeError(f"{self.name}: image {image_id} not cached: {outcome.message}")
-        return outcome.size, outcome.mtime
 
     async def touch(self, cache_dir: str, names: Sequence[str]) -> float:
         """Reset the age of cached images, all in one command; returns the time it was done."""
