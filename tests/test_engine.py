@@ -17,7 +17,7 @@ from conftest import MiB, cache_file, needs_glance, policy_for, run, sha512, ssh
 from novacache import cacherules, credentials
 from novacache.engine import reconcile
 from novacache.glance import GlanceImages, ImageError
-from novacache.node import Node, NodeError, SshCredentials
+from novacache.node import Hop, HopResult, Node, SshCredentials
 from novacache.report import State
 from novacache.testbed import Testbed
 
@@ -177,16 +177,17 @@ def test_images_nova_would_refuse_are_refused_by_the_node(bed: Testbed, overlay:
     spec = policy.nodes[0]
     data = overlay.read_bytes()
 
-    async def attempt() -> None:
+    async def attempt() -> HopResult:
         async def chunks() -> AsyncIterator[bytes]:
             yield data
+        hop = Hop(spec.name, spec.address, spec.port, "/var/lib/nova/instances/_base", convert)
         async with Node(spec.name, spec.address, spec.port, creds.ssh) as node:
-            await node.receive("/var/lib/nova/instances/_base", "0c8fd6ec-5a0b-4e53-8f53-0e0c1e8d7c3a", chunks(),
-                               size=len(data), digest=("sha512", hashlib.sha512(data).hexdigest()),
-                               disk_format=declared, convert=convert, reserve=0)
+            return (await node.chain("0c8fd6ec-5a0b-4e53-8f53-0e0c1e8d7c3a", [hop], chunks(), size=len(data),
+                                     digest=("sha512", hashlib.sha512(data).hexdigest()),
+                                     disk_format=declared, reserve=0))[spec.name]
 
-    with pytest.raises(NodeError, match=message):
-        asyncio.run(attempt())
+    outcome = asyncio.run(attempt())
+    assert not outcome.ok and message in outcome.message
     assert list(Path(bed.nodes[0]["cacheDir"]).iterdir()) == []
 
 
