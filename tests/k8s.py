@@ -329,21 +329,15 @@ _EVENT_FIELDS = [("involvedObject", "regarding"), ("message", "note"), ("reporti
                  ("lastTimestamp", "deprecatedLastTimestamp"), ("count", "deprecatedCount")]
 
 
-def _event_core_to_v1(obj: Mapping[str, Any]) -> dict[str, Any]:
+def _event_as(obj: Mapping[str, Any], api_version: str) -> dict[str, Any]:
+    """An Event in the field names of api_version ("v1" or "events.k8s.io/v1"), from either form."""
     result = copy.deepcopy(dict(obj))
+    to_v1 = api_version != "v1"
     for core, v1 in _EVENT_FIELDS:
-        if core in result:
-            result[v1] = result.pop(core)
-    result.update(apiVersion="events.k8s.io/v1", kind="Event")
-    return result
-
-
-def _event_v1_to_core(obj: Mapping[str, Any]) -> dict[str, Any]:
-    result = copy.deepcopy(dict(obj))
-    for core, v1 in _EVENT_FIELDS:
-        if v1 in result:
-            result[core] = result.pop(v1)
-    result.update(apiVersion="v1", kind="Event")
+        old, new = (core, v1) if to_v1 else (v1, core)
+        if old in result:
+            result[new] = result.pop(old)
+    result.update(apiVersion=api_version, kind="Event")
     return result
 
 
@@ -569,7 +563,7 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         obj["metadata"]["resourceVersion"] = str(self._rv)
 
     def _view(self, rdef: ResourceDef, obj: dict[str, Any]) -> dict[str, Any]:
-        return _event_core_to_v1(obj) if rdef.is_events_api else obj
+        return _event_as(obj, "events.k8s.io/v1") if rdef.is_events_api else obj
 
     def _selected(self, obj: Mapping[str, Any], params: Mapping[str, str]) -> bool:
         try:
@@ -752,7 +746,7 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         body = request.data
         if not isinstance(body, dict):
             raise _status_error(400, "BadRequest", "the body of the request was not a JSON object")
-        obj = _event_v1_to_core(body) if rdef.is_events_api else copy.deepcopy(body)
+        obj = _event_as(body, "v1") if rdef.is_events_api else copy.deepcopy(body)
         if obj.get("apiVersion") not in (None, "v1" if rdef.is_events_api else rdef.api_version) or \
                 obj.get("kind") not in (None, rdef.kind):
             raise _status_error(400, "BadRequest", f"the object is not a {rdef.api_version} {rdef.kind}")
@@ -819,7 +813,7 @@ class RealisticKubernetes(kmock.KubernetesEmulator):
         if not isinstance(new, dict) or not isinstance(new.get("metadata", {}), dict):
             raise _status_error(400, "BadRequest", "the object is not a JSON object with metadata")
         if rdef.is_events_api:
-            new = _event_v1_to_core(new)
+            new = _event_as(new, "v1")
         new_meta = new.setdefault("metadata", {})
         old_meta = old["metadata"]
         if new_meta.get("resourceVersion") not in (None, "", old_meta["resourceVersion"]):
